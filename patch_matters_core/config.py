@@ -117,6 +117,27 @@ class PipelineConfig:
     def with_samples(self, num_samples: int) -> "PipelineConfig":
         return replace(self, describe=replace(self.describe, num_samples=num_samples))
 
+    def with_max_new_tokens(self, max_new_tokens: int) -> "PipelineConfig":
+        """Return a copy in which no model call generates more than ``max_new_tokens``."""
+
+        def cap(settings: GenerationSettings) -> GenerationSettings:
+            return replace(settings, max_new_tokens=min(settings.max_new_tokens, max_new_tokens))
+
+        return replace(
+            self,
+            describe=replace(
+                self.describe,
+                global_generation=cap(self.describe.global_generation),
+                sample_generation=cap(self.describe.sample_generation),
+            ),
+            filter=replace(self.filter, sorting_generation=cap(self.filter.sorting_generation)),
+            aggregate=replace(
+                self.aggregate,
+                merge_generation=cap(self.aggregate.merge_generation),
+                final_generation=cap(self.aggregate.final_generation),
+            ),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
