@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# The tests never download: a hub id passed by mistake fails at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("PATCH_MATTERS_TEST_DATA", ROOT.parent / "shared" / "data"))
 FIXTURE_BUILDER = ROOT / "tests" / "fixtures" / "build_tiny_models.py"
