@@ -29,7 +29,8 @@ ADJACENT_PAIRS = (
 )
 
 StatementKind = Literal["consistent", "contradictory", "unique"]
-SortingPath = Literal["llm", "llm_retry", "sentence_fallback"]
+# "single_sample": one description only, so its sentences are unique statements without an LLM call.
+SortingPath = Literal["llm", "llm_retry", "sentence_fallback", "single_sample"]
 
 
 def pair_name(first: str, second: str) -> str:
@@ -199,7 +200,8 @@ class Statement:
     """One statement of a filtered set, with its kind, its ITM score and whether it was kept.
 
     ``patch`` is the set the statement belongs to (a patch name or a ``pair:`` name);
-    ``source_patch`` and ``sample_index`` say which description it came from, where known.
+    ``source_patch`` and ``sample_index`` say which description it came from when it came from
+    one; ``sample_indexes`` lists every sample that states it.
     ``group`` numbers the contradictory group it belongs to, ``None`` for other kinds.
     ``score`` is ``None`` when the statement was not scored.
     """
@@ -212,6 +214,7 @@ class Statement:
     source_patch: Optional[str] = None
     sample_index: Optional[int] = None
     group: Optional[int] = None
+    sample_indexes: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,6 +230,7 @@ class Statement:
             source_patch=data.get("source_patch"),
             sample_index=data.get("sample_index"),
             group=data.get("group"),
+            sample_indexes=list(data.get("sample_indexes", [])),
         )
 
 
