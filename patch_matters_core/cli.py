@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group(
-        "models", "A model is a local folder, a .gguf file (LLM only) or a Hugging Face hub id."
+        "models",
+        "A model is a local folder, a .gguf file (LLM only) or a Hugging Face hub id. A VLM or LLM "
+        "behind an OpenAI-compatible server is MODEL@BASE_URL (for example qwen2.5-vl@http://127.0.0.1:8080/v1); "
+        "its API key is read from PATCH_MATTERS_API_KEY or OPENAI_API_KEY.",
     )
     models.add_argument("--vlm", default=DEFAULT_VLM, metavar="MODEL", help=f"chat VLM (default: {DEFAULT_VLM})")
     models.add_argument(

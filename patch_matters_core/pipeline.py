@@ -77,15 +77,27 @@ class PatchMatters:
         config: Optional[PipelineConfig] = None,
         attn_implementation: Optional[str] = None,
     ) -> "PatchMatters":
-        """Load the models named by local folders, GGUF files or hub ids (None skips one)."""
+        """Load the models named by local folders, GGUF files, hub ids or API specs (None skips one).
+
+        A VLM or LLM given as ``MODEL@BASE_URL`` (or a bare ``http(s)://.../v1``) is served by an
+        OpenAI-compatible API; its key comes from PATCH_MATTERS_API_KEY or OPENAI_API_KEY.
+        """
+        from .models.api import is_api_spec, load_api_model
         from .models.detector import load_detector
         from .models.llm import load_llm
         from .models.scorer import load_scorer
         from .models.vlm import load_vlm
 
         config = (config or PipelineConfig()).validate()
-        vlm_model = load_vlm(vlm, device=device, dtype=dtype, attn_implementation=attn_implementation)
-        llm_model = load_llm(llm, device=device, dtype=dtype) if llm else None
+        if is_api_spec(vlm):
+            vlm_model = load_api_model(vlm, role="vlm")
+        else:
+            vlm_model = load_vlm(vlm, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        llm_model = None
+        if llm and is_api_spec(llm):
+            llm_model = load_api_model(llm, role="llm")
+        elif llm:
+            llm_model = load_llm(llm, device=device, dtype=dtype)
         detector_model = load_detector(detector, device=device, dtype=dtype) if detector else None
         scorer_model = load_scorer(scorer, device=device, dtype=dtype) if scorer else None
         return cls(vlm_model, llm_model, detector_model, scorer_model, config)
