@@ -294,3 +294,16 @@ def test_smollm2_token_limit(smollm2: TransformersTextModel, caplog) -> None:
     assert output.hit_token_limit
     assert output.raw.startswith("Once upon a time")
     assert "1 of 1 llm responses stopped at max_new_tokens=2" in caplog.text
+
+
+def test_tiny_stops_after_json(tiny_llm: TransformersTextModel) -> None:
+    closed = ChatRequest(user="Reply with JSON.", prefill='{"done": true}', stop_after_json=True)
+    open_ended = ChatRequest(user="Reply with JSON.", prefill='{"done": true}')
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.0)
+
+    stopped, unstopped = tiny_llm.chat([closed, open_ended], settings)
+
+    assert not stopped.hit_token_limit
+    assert stopped.raw.startswith('{"done": true}')
+    assert len(stopped.raw) < len(unstopped.raw)
+    assert unstopped.hit_token_limit

@@ -439,3 +439,17 @@ def test_text_only_model_rejected(tmp_path):
 
     with pytest.raises(ModelLoadError, match="not a vision-language model"):
         load_vlm(str(tmp_path), device="cpu")
+
+
+def test_chat_stops_after_json(vlm_folders):
+    vlm = load_vlm(str(vlm_folders / "vlm-qwen2_5_vl"))
+    closed = ChatRequest(user="Reply with JSON.", prefill="[1, 2]", stop_after_json=True)
+    open_ended = ChatRequest(user="Reply with JSON.", prefill="[1, 2]")
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.0)
+
+    stopped, unstopped = vlm.chat([closed, open_ended], settings)
+
+    assert not stopped.hit_token_limit
+    assert stopped.raw.startswith("[1, 2]")
+    assert len(stopped.raw) <= len(unstopped.raw)
+    assert unstopped.hit_token_limit

@@ -44,6 +44,8 @@ class ChatRequest:
     user: str
     system: Optional[str] = None
     prefill: str = ""
+    # Stop generating once the reply (prefill included) holds one complete JSON object or array.
+    stop_after_json: bool = False
 
 
 @runtime_checkable

@@ -19,6 +19,7 @@ from ..errors import ModelLoadError
 from ..types import ModelInfo
 from . import loading
 from .base import ChatRequest, Generation, ProgressCallback
+from .stopping import json_stopping_criteria
 from .text import clean_generated_text
 
 logger = logging.getLogger(__name__)
@@ -207,15 +208,32 @@ class TransformersTextModel:
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
 
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=generation_config)
-
         prompt_length = inputs["input_ids"].shape[1]
+        extra: dict[str, Any] = {}
+        json_stop = None
+        if any(request.stop_after_json for request in requests):
+            from transformers import StoppingCriteriaList
+
+            json_stop = json_stopping_criteria(
+                self.tokenizer,
+                prompt_length,
+                [request.prefill for request in requests],
+                [request.stop_after_json for request in requests],
+            )
+            extra["stopping_criteria"] = StoppingCriteriaList([json_stop])
+
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, generation_config=generation_config, **extra)
+
         results = []
         new_token_count = 0
         for row, request in enumerate(requests):
             prompt_ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
-            new_ids, stopped = self._strip_after_stop(output[row, prompt_length:].tolist())
+            generated = output[row, prompt_length:].tolist()
+            if json_stop is not None and json_stop.closed_at[row] is not None:
+                generated = generated[: json_stop.closed_at[row]]
+            new_ids, stopped = self._strip_after_stop(generated)
+            stopped = stopped or (json_stop is not None and json_stop.closed_at[row] is not None)
             new_token_count += len(new_ids)
 
             continuation = self._decode_continuation(prompt_ids, new_ids)

@@ -26,6 +26,7 @@ from ..errors import MissingDependencyError, ModelLoadError, PatchMattersError
 from ..types import ModelInfo
 from . import loading
 from .base import ChatRequest, Generation, ProgressCallback, VisionRequest
+from .stopping import json_stopping_criteria
 from .text import clean_generated_text
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,8 @@ class TransformersVLM:
             for request in requests
         ]
         prefills = [request.prefill for request in requests]
-        return self._run(prompts, None, prefills, settings, seed, progress, label="chat")
+        json_rows = [request.stop_after_json for request in requests]
+        return self._run(prompts, None, prefills, settings, seed, progress, label="chat", json_rows=json_rows)
 
     def release(self) -> None:
         """Drop the model and processor so that their memory can be freed. Later calls raise PatchMattersError."""
@@ -197,6 +199,7 @@ class TransformersVLM:
         progress: Optional[ProgressCallback],
         *,
         label: str,
+        json_rows: Optional[list[bool]] = None,
     ) -> list[Generation]:
         """Generate for all prompts in batches, halving the batch after a CUDA out-of-memory error.
 
@@ -220,6 +223,7 @@ class TransformersVLM:
                     prefills[start:end],
                     settings,
                     None if seed is None else seed + start,
+                    json_rows[start:end] if json_rows is not None else None,
                 )
             except Exception as error:
                 if not _is_out_of_memory(error):
@@ -265,6 +269,7 @@ class TransformersVLM:
         prefills: list[str],
         settings: GenerationSettings,
         seed: Optional[int],
+        json_rows: Optional[list[bool]] = None,
     ) -> list[Generation]:
         import torch
 
@@ -279,14 +284,28 @@ class TransformersVLM:
 
         generation_config = self._generation_config(settings)
         prompt_length = inputs["input_ids"].shape[1]
+        extra: dict[str, Any] = {}
+        json_stop = None
+        if json_rows and any(json_rows):
+            from transformers import StoppingCriteriaList
+
+            json_stop = json_stopping_criteria(self.processor.tokenizer, prompt_length, prefills, json_rows)
+            extra["stopping_criteria"] = StoppingCriteriaList([json_stop])
+
         started = time.perf_counter()
         with torch.inference_mode(), _seeded(seed, device):
-            output = self.model.generate(**inputs, generation_config=generation_config)
+            output = self.model.generate(**inputs, generation_config=generation_config, **extra)
         seconds = time.perf_counter() - started
 
         new_tokens = output[:, prompt_length:].tolist()
         eos_ids = _token_ids(generation_config.eos_token_id)
-        generations = [self._decode(tokens, eos_ids, prefill) for tokens, prefill in zip(new_tokens, prefills)]
+        generations = []
+        for row, (tokens, prefill) in enumerate(zip(new_tokens, prefills)):
+            closed_at = json_stop.closed_at[row] if json_stop is not None else None
+            if closed_at is not None:
+                generations.append(self._decode(tokens[:closed_at], eos_ids, prefill, closed=True))
+            else:
+                generations.append(self._decode(tokens, eos_ids, prefill))
         logger.info(
             "VLM generate: batch of %d, %d prompt tokens, %d new tokens, %.1f s.",
             len(prompts),
@@ -324,10 +343,13 @@ class TransformersVLM:
             config.top_k = None
         return config
 
-    def _decode(self, tokens: list[int], eos_ids: list[int], prefill: str) -> Generation:
-        """Decode the new tokens of one row up to its end-of-sequence token."""
+    def _decode(self, tokens: list[int], eos_ids: list[int], prefill: str, closed: bool = False) -> Generation:
+        """Decode the new tokens of one row up to its end-of-sequence token.
+
+        ``closed`` marks a row that a stopping criterion ended, so it did not hit the token limit.
+        """
         end = next((index for index, token in enumerate(tokens) if token in eos_ids), None)
-        hit_limit = end is None
+        hit_limit = end is None and not closed
         content_tokens = tokens if end is None else tokens[:end]
         decoded = self.processor.decode(content_tokens, skip_special_tokens=False)
         raw = prefill + decoded

@@ -292,7 +292,9 @@ def _ask_sorting(
             descriptions=_numbered(statement_set.sources),
             retry_note=retry_note,
         )
-        requests.append(ChatRequest(user=user, system=render("sort_system"), prefill=SORT_PREFILL))
+        requests.append(
+            ChatRequest(user=user, system=render("sort_system"), prefill=SORT_PREFILL, stop_after_json=True)
+        )
     return chat(llm, requests, settings, seed, label, progress)
 
 
