@@ -94,3 +94,18 @@ def test_describe_raises_tiny_crops_to_min_side():
     width, height = descriptions.samples["top_left"][0].split()[1].split("x")
     assert int(height) >= 28
     assert int(width) >= 28
+
+
+def test_pad_to_aspect_ratio_thin_strips():
+    from patch_matters_core.stages.describe import pad_to_aspect_ratio
+
+    wide = pad_to_aspect_ratio(Image.new("RGB", (2000, 3), "white"), 50)
+    assert wide.size == (2000, 40)
+    assert wide.getpixel((0, 0)) == (128, 128, 128)
+    assert wide.getpixel((1000, 20)) == (255, 255, 255)
+
+    tall = pad_to_aspect_ratio(Image.new("RGB", (3, 2000), "white"), 50)
+    assert tall.size == (40, 2000)
+
+    square = Image.new("RGB", (64, 64))
+    assert pad_to_aspect_ratio(square, 50) is square

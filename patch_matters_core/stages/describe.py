@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from typing import Optional, Sequence
@@ -105,7 +106,29 @@ def _whole(image: Image.Image) -> Box:
 
 def _crop(image: Image.Image, box: Box, config: DescribeConfig, vlm: VisionLanguageModel) -> Image.Image:
     min_side = max(config.min_side, getattr(vlm, "min_side", 1))
-    return crop_for_model(image, box, max_pixels=config.max_pixels, min_side=min_side)
+    crop = crop_for_model(image, box, max_pixels=config.max_pixels, min_side=min_side)
+    return pad_to_aspect_ratio(crop, MAX_ASPECT_RATIO)
+
+
+# Qwen2-VL and Qwen2.5-VL processors reject images whose long side is 200 or more times the
+# short side; a thin strip is padded to this ratio instead.
+MAX_ASPECT_RATIO = 50.0
+# Mid grey, the background load_image flattens transparency onto.
+PAD_COLOR = (128, 128, 128)
+
+
+def pad_to_aspect_ratio(image: Image.Image, max_ratio: float) -> Image.Image:
+    """Pad the short side with grey, centred, so that long side / short side <= ``max_ratio``."""
+    width, height = image.size
+    if max(width, height) <= max_ratio * min(width, height):
+        return image
+    if width > height:
+        size = (width, math.ceil(width / max_ratio))
+    else:
+        size = (math.ceil(height / max_ratio), height)
+    padded = Image.new("RGB", size, PAD_COLOR)
+    padded.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return padded
 
 
 def _generate(
