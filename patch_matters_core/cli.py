@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .config import PipelineConfig
-from .errors import ImageLoadError, PatchMattersError
+from .errors import ConfigError, ImageLoadError, MissingDependencyError, ModelLoadError, PatchMattersError
 from .pipeline import DEFAULT_DETECTOR, DEFAULT_SCORER, DEFAULT_VLM
 
 logger = logging.getLogger("patch_matters_core")
@@ -37,9 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     caption.add_argument(
         "--trace",
-        type=Path,
         metavar="FILE",
-        help="write the run's JSON trace to FILE; with several images FILE is a folder that gets one IMAGE_STEM.json per image",
+        help="write the run's JSON trace to FILE; with several images, or a path ending in /, FILE is a folder that gets one IMAGE_STEM.json per image",
     )
     _add_model_options(caption)
 
@@ -80,7 +80,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="MODEL|none",
         help=f"image-text matching scorer, or none to keep statements unverified (default: {DEFAULT_SCORER})",
     )
-    models.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+    models.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU when there is one)"
+    )
     models.add_argument(
         "--dtype",
         default="auto",
@@ -108,7 +110,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     settings.add_argument("-q", "--quiet", action="store_true", help="log errors only")
 
 
+def _check_settings(args: argparse.Namespace) -> None:
+    """Raise ConfigError naming the command-line option of the first invalid setting."""
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}.")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    minimum = PipelineConfig().describe.min_side ** 2
+    if args.max_pixels < minimum:
+        raise ConfigError(f"--max-pixels must be at least {minimum}, got {args.max_pixels}.")
+
+
 def _config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    _check_settings(args)
     config = PipelineConfig(seed=args.seed).with_samples(args.samples)
     config = replace(config, describe=replace(config.describe, max_pixels=args.max_pixels))
     if args.max_new_tokens is not None:
@@ -136,24 +150,37 @@ def _load_pipeline(args: argparse.Namespace):
     )
 
 
-def _trace_paths(trace: Optional[Path], images: Sequence[Path]) -> list[Optional[Path]]:
-    """One trace path per image: FILE for one image, FOLDER/STEM.json (made unique) for several."""
-    if trace is None:
+def _display(path: Path | str) -> str:
+    """Path text that any terminal and UTF-8 file can take, even for undecodable file names."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _trace_paths(trace_arg: Optional[str], images: Sequence[Path]) -> list[Optional[Path]]:
+    """One trace path per image: FILE for one image, FOLDER/NAME.json (made unique) for several.
+
+    Checked before any model loads, so that a bad path fails at once instead of after the run.
+    """
+    from .batch import trace_names
+
+    if trace_arg is None:
         return [None] * len(images)
-    if len(images) == 1 and not trace.is_dir():
+
+    trace = Path(trace_arg)
+    as_folder = len(images) > 1 or trace.is_dir() or trace_arg.endswith(("/", os.sep))
+    if not as_folder:
+        if trace.exists() and not trace.is_file():
+            raise ConfigError(f"--trace {trace} exists and is not a file.")
+        trace.parent.mkdir(parents=True, exist_ok=True)
         return [trace]
+
+    if trace.exists() and not trace.is_dir():
+        raise ConfigError(
+            f"--trace {trace} is a file, but {len(images)} images need a folder for their traces; "
+            "pass a folder path."
+        )
     trace.mkdir(parents=True, exist_ok=True)
-    paths: list[Optional[Path]] = []
-    used: set[str] = set()
-    for image in images:
-        name = image.stem
-        suffix = 2
-        while name in used:
-            name = f"{image.stem}-{suffix}"
-            suffix += 1
-        used.add(name)
-        paths.append(trace / f"{name}.json")
-    return paths
+    names = trace_names(list(images))
+    return [trace / names[image] for image in images]
 
 
 def run_caption(args: argparse.Namespace) -> int:
@@ -165,52 +192,77 @@ def run_caption(args: argparse.Namespace) -> int:
     failures = 0
 
     for image_path, trace_path in zip(args.images, trace_paths):
+        shown = _display(image_path)
         try:
             image = load_image(image_path)
         except ImageLoadError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {_display(str(error))}", file=sys.stderr)
             failures += 1
             continue
 
         if pipeline is None:
             pipeline = _load_pipeline(args)
         try:
-            trace = pipeline.run(image, image_path=str(image_path))
-        except (ImageLoadError, PatchMattersError) as error:
-            print(f"error: {image_path}: {error}", file=sys.stderr)
+            trace = pipeline.run(image, image_path=shown)
+        except (ModelLoadError, MissingDependencyError, ConfigError):
+            raise
+        except PatchMattersError as error:
+            print(f"error: {shown}: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        except Exception as error:  # noqa: BLE001 - one image's crash must not end the run
+            logger.warning("Captioning %s failed.", shown, exc_info=True)
+            print(f"error: {shown}: unexpected {type(error).__name__}: {error}", file=sys.stderr)
             failures += 1
             continue
 
-        if trace_path is not None:
-            trace.save(trace_path)
         caption = " ".join(trace.caption.split())
-        print(f"{image_path}: {caption}" if len(args.images) > 1 else caption, flush=True)
+        print(f"{shown}: {caption}" if len(args.images) > 1 else caption, flush=True)
+
+        if trace_path is not None:
+            try:
+                trace.save(trace_path)
+            except (OSError, UnicodeError) as error:
+                print(f"error: writing the trace of {shown} to {_display(trace_path)} failed: {error}", file=sys.stderr)
+                failures += 1
 
     return EXIT_FAILED_IMAGES if failures else EXIT_OK
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    from .batch import caption_folder, find_images
+    from .batch import caption_folder, find_images, validate_caption_extension
 
     _config_from_args(args)
-    extension = args.caption_extension if args.caption_extension.startswith(".") else f".{args.caption_extension}"
+    extension = validate_caption_extension(args.caption_extension)
     images = find_images(args.folder, recursive=args.recursive)
     if not images:
-        print(f"No images found in {args.folder}.", file=sys.stderr)
+        hint = "" if args.recursive else " Add --recursive to look in subfolders too."
+        print(f"No images found in {_display(args.folder)}.{hint}", file=sys.stderr)
         return EXIT_OK
+    if not os.access(args.folder, os.W_OK):
+        raise ConfigError(f"Cannot write caption files into {_display(args.folder)}: the folder is not writable.")
+    if args.trace is not None:
+        if args.trace.exists() and not args.trace.is_dir():
+            raise ConfigError(f"--trace {_display(args.trace)} is a file; pass a folder for the traces.")
+        args.trace.mkdir(parents=True, exist_ok=True)
 
     state: dict[str, object] = {}
 
     def caption(image, path: str):
         if "pipeline" not in state:
             state["pipeline"] = _load_pipeline(args)
-        return state["pipeline"].run(image, image_path=path)  # type: ignore[attr-defined]
+        return state["pipeline"].run(image, image_path=_display(path))  # type: ignore[attr-defined]
 
-    result = caption_folder(images, caption, overwrite=args.overwrite, extension=extension, trace_dir=args.trace)
+    result = caption_folder(
+        images, caption, overwrite=args.overwrite, extension=extension, trace_dir=args.trace, root=args.folder
+    )
 
-    print(f"{args.folder}: {result.summary()}.")
+    print(f"{_display(args.folder)}: {result.summary()}.")
     for path, reason in result.failed:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
+        print(f"failed: {_display(path)}: {_display(reason)}", file=sys.stderr)
+    if result.interrupted:
+        print("Interrupted; run the same command again to caption the remaining images.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_FAILED_IMAGES if result.failed else EXIT_OK
 
 
@@ -233,8 +285,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`); Python would print a traceback at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED_IMAGES
     except PatchMattersError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_display(str(error))}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from patch_matters_core.batch import caption_folder, find_images
-from patch_matters_core.errors import ModelLoadError, PatchMattersError
+from patch_matters_core.batch import caption_folder, find_images, validate_caption_extension
+from patch_matters_core.errors import ConfigError, ModelLoadError, PatchMattersError
 from patch_matters_core.types import ImageInfo, Trace
 
 
@@ -92,3 +92,73 @@ def test_caption_folder_writes_traces(folder, tmp_path_factory):
     traces = tmp_path_factory.mktemp("traces")
     caption_folder(find_images(folder), lambda image, path: make_trace("x"), trace_dir=traces)
     assert sorted(path.name for path in traces.iterdir()) == ["a.json", "b.json", "c.json"]
+
+
+@pytest.mark.parametrize("extension", [".jpg", "PNG", "", ".", "a/b", ".tar.gz"])
+def test_caption_extension_rejected(extension):
+    with pytest.raises(ConfigError):
+        validate_caption_extension(extension)
+
+
+def test_caption_extension_without_dot():
+    assert validate_caption_extension("caption") == ".caption"
+
+
+def test_same_stem_images_both_fail(tmp_path):
+    for name in ("photo.jpg", "photo.png", "other.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    result = caption_folder(find_images(tmp_path), lambda image, path: make_trace(path), overwrite=True)
+
+    failed = {path.name: reason for path, reason in result.failed}
+    assert set(failed) == {"photo.jpg", "photo.png"}
+    assert "photo.txt" in failed["photo.jpg"]
+    assert not (tmp_path / "photo.txt").exists()
+    assert (tmp_path / "other.txt").exists()
+
+
+def test_caption_path_folder_fails(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").mkdir()
+    result = caption_folder(find_images(tmp_path), lambda image, path: make_trace("x"), overwrite=True)
+    assert [path.name for path, _ in result.failed] == ["a.jpg"]
+    assert result.skipped == []
+
+
+def test_recursive_skips_hidden_folders_and_names_traces(tmp_path, tmp_path_factory):
+    for folder in ("s1", "s2", ".cache"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "img.jpg")
+    images = find_images(tmp_path, recursive=True)
+    assert [path.parent.name for path in images] == ["s1", "s2"]
+
+    traces = tmp_path_factory.mktemp("traces")
+    caption_folder(images, lambda image, path: make_trace("x"), trace_dir=traces, root=tmp_path)
+    assert sorted(path.name for path in traces.iterdir()) == ["s1__img.json", "s2__img.json"]
+
+
+def test_interrupt_keeps_finished_files(folder):
+    def caption(image, path):
+        if path.endswith("b.PNG"):
+            raise KeyboardInterrupt
+        return make_trace("done")
+
+    result = caption_folder(find_images(folder), caption)
+    assert result.interrupted
+    assert (folder / "a.txt").exists()
+    assert not (folder / "b.txt").exists()
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_caption_file_mode_follows_umask(folder):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        (folder / "a.txt").write_text("old\n", encoding="utf-8")
+        os.chmod(folder / "a.txt", 0o664)
+        caption_folder(find_images(folder), lambda image, path: make_trace("new"), overwrite=True)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((folder / "a.txt").stat().st_mode) == 0o664
+    assert stat.S_IMODE((folder / "b.txt").stat().st_mode) == 0o644

@@ -111,8 +111,12 @@ def _starts_with_http(text: str) -> bool:
 
 
 def _validate_base_url(url: str, spec: str) -> str:
-    parts = urllib.parse.urlsplit(url)
     shown = _redact_url(spec)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.hostname
+    except ValueError as error:
+        raise ConfigError(f"API URL in {shown!r} is invalid ({error}); write it as http://HOST:PORT/v1.") from None
 
     if parts.username is not None or parts.password is not None:
         raise ConfigError(
