@@ -85,10 +85,17 @@ class PatchMatters:
         from .models.api import is_api_spec, load_api_model
         from .models.detector import load_detector
         from .models.llm import load_llm
+        from .models.loading import resolve_source
         from .models.scorer import load_scorer
         from .models.vlm import load_vlm
 
         config = (config or PipelineConfig()).validate()
+
+        # A mistyped path fails here, before minutes go into loading the other models.
+        for role, spec in (("vlm", vlm), ("llm", llm), ("detector", detector), ("scorer", scorer)):
+            if spec and not is_api_spec(spec):
+                resolve_source(spec, role)
+
         if is_api_spec(vlm):
             vlm_model = load_api_model(vlm, role="vlm")
         else:
