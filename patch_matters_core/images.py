@@ -4,7 +4,7 @@
 IMAGE is a float tensor of shape batch x height x width x channels in 0..1) and returns a fully
 loaded RGB image. It converts the way a user expects: EXIF orientation is applied,
 transparency is flattened onto mid-grey ``BACKGROUND_RGB``, 16-bit and float images are scaled
-to 8 bits, and animations give their first frame. Anything that cannot become an image raises
+to 8 bits (float pixels in 0..1 or 0..255), and animations give their first frame. Anything that cannot become an image raises
 ``ImageLoadError`` with the file name, the reason and what to do.
 """
 
@@ -42,6 +42,12 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
 ARRAY_NAME = "array input"
 
+# Largest maximum of a float image that is still read as 0..1. Values up to this limit are
+# overshoot (from sharpening or unclamped arithmetic) and are clipped to 1. A float image with
+# a larger maximum is read as 0..255, because a 0..255 image whose brightest pixel is at most 2
+# is almost black and rare, while overshoot of 0..1 images is common.
+FLOAT_UNIT_RANGE_LIMIT = 2.0
+
 
 def is_supported_file(path: str | Path) -> bool:
     """Return whether a file name has one of ``SUPPORTED_EXTENSIONS``, in any letter case."""
@@ -57,8 +63,8 @@ def load_image(
 
     ``source`` is a path (``str`` or ``Path``), a PIL image, a numpy array or a torch tensor.
     Arrays are height x width, or height x width x 1, 3 or 4 channels, of dtype uint8, uint16,
-    bool or float in 0..1; a leading batch dimension of size 1 is dropped. ``name`` replaces
-    the file name or "array input" in error messages.
+    bool or float; a leading batch dimension of size 1 is dropped. ``name`` replaces the file
+    name or "array input" in error messages.
 
     ``max_pixels`` caps width x height for files and is checked before decoding; ``None``
     leaves only Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS`` x 2). Arrays and PIL
@@ -69,8 +75,11 @@ def load_image(
     - EXIF orientation is applied to files and PIL images.
     - RGBA, LA, PA and images with a transparency key are composited onto
       ``BACKGROUND_RGB`` (128, 128, 128).
-    - 16-bit and 32-bit integer pixels are scaled to 0..255, and float pixels in 0..1 are
-      multiplied by 255.
+    - 16-bit and 32-bit integer pixels are scaled to 0..255. Float pixels (arrays, tensors
+      and PIL mode "F") whose maximum is at most ``FLOAT_UNIT_RANGE_LIMIT`` (2.0) are read as
+      0..1 and multiplied by 255. A larger maximum up to 255 means 0..255: the values are
+      used as they are, with a WARNING. A maximum above 255 raises ImageLoadError. Values
+      outside the range are clipped, with a WARNING.
     - CMYK, palette, 1-bit and grayscale images become RGB. Pillow's JPEG decoder reads CMYK
       JPEGs with Adobe's inverted convention (raw mode "CMYK;I"), so they are not inverted.
     - A file with several frames gives its first frame.
@@ -282,14 +291,49 @@ def _integer_to_uint8(values: Any) -> Any:
 
 
 def _float_to_uint8(values: Any, label: str) -> Any:
-    """Map float pixels in 0..1 to 0..255; values outside 0..1 are clipped."""
+    """Map float pixels in 0..1 or 0..255 to 0..255, picking the range from the maximum value.
+
+    Values outside the chosen range are clipped, with a WARNING.
+    """
     import numpy as np
 
     if not np.all(np.isfinite(values)):
         raise ImageLoadError(
             f"{label}: float pixels contain NaN or infinite values; replace them before loading."
         )
-    return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if values.size == 0:
+        return values.astype(np.uint8)
+
+    low, high = float(values.min()), float(values.max())
+    if high > 255.0:
+        raise ImageLoadError(
+            f"{label}: float pixels range from {low:g} to {high:g}, outside both 0..1 and 0..255; "
+            "scale them to 0..1 (for example values / values.max()) or convert them to uint8."
+        )
+
+    if high > FLOAT_UNIT_RANGE_LIMIT:
+        logger.warning(
+            "%s: float pixels range from %g to %g, above 0..1, so they are read as 0..255. "
+            "Pass floats in 0..1 or uint8 pixels to avoid this guess.",
+            label,
+            low,
+            high,
+        )
+        scale, top = 1.0, 255.0
+    else:
+        scale, top = 255.0, 1.0
+
+    outside = int(np.count_nonzero((values < 0.0) | (values > top)))
+    if outside:
+        logger.warning(
+            "%s: %d float pixel values lie outside 0..%g (from %g to %g) and were clipped.",
+            label,
+            outside,
+            top,
+            low,
+            high,
+        )
+    return np.round(np.clip(values, 0.0, top) * scale).astype(np.uint8)
 
 
 def _gray_to_rgb(gray: Any) -> Image.Image:
@@ -357,5 +401,5 @@ def _array_to_uint8(array: Any, label: str) -> Any:
         return _float_to_uint8(array.astype(np.float64), label)
     raise ImageLoadError(
         f"{label}: unsupported dtype {array.dtype}; use uint8 (0..255), uint16 (0..65535), bool, "
-        "or float in 0..1, for example array.astype(numpy.uint8)."
+        "or float in 0..1 or 0..255, for example array.astype(numpy.uint8)."
     )

@@ -6,23 +6,29 @@ whether a box finds the object it names.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from patch_matters_core.errors import ModelLoadError
+from patch_matters_core.images import BACKGROUND_RGB, load_image
 from patch_matters_core.models.base import Detector
 from patch_matters_core.models.detector import (
+    MIN_DETECTOR_SIDE,
     ZeroShotDetector,
     _grounding_chunks,
     _grounding_prompt,
     _label_token_positions,
+    detections_to_original,
     load_detector,
+    prepare_detector_image,
     relative_boxes_to_pixels,
 )
-from patch_matters_core.types import Box
+from patch_matters_core.types import Box, Detection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
@@ -361,3 +367,124 @@ def test_released_detector_raises(model_dir, coco_image):
     with pytest.raises(ModelLoadError, match="released"):
         detector.detect(coco_image, ["dog"])
     assert load_detector(str(model_dir / "det-grounding-dino"), device="cpu", dtype="bfloat16") is not detector
+
+
+# Images too small or too long for the processors: upscaled and padded, boxes mapped back.
+
+
+class _RecordHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings():
+    """Messages that transformers logs at WARNING or above during the test.
+
+    transformers' root logger does not propagate to the root logger, so caplog misses them.
+    """
+    handler = _RecordHandler()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize(
+    "size", [(1, 1), (2000, 3), (3, 2000), (2, 40), (5, 5)], ids=["1x1", "2000x3", "3x2000", "2x40", "5x5"]
+)
+def test_detect_degenerate_sizes(detector, size, transformers_warnings):
+    image = synthetic_image(*size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        detections = detector.detect(image, ["dog", "bicycle"])
+
+    assert_inside(detections, image)
+    assert {d.label for d in detections} <= {"dog", "bicycle"}
+    assert not [m for m in transformers_warnings if "channel dimension is ambiguous" in m]
+    assert not [w for w in caught if "channel dimension" in str(w.message)]
+
+
+def test_detect_thin_file(detector, shared_data, transformers_warnings):
+    image = load_image(shared_data / "bad_images" / "thin_2000x3.png")
+    assert image.size == (2000, 3)
+
+    detections = detector.detect(image, ["line"])
+
+    assert_inside(detections, image)
+    assert not [m for m in transformers_warnings if "ambiguous" in m]
+
+
+def test_small_image_boxes_match_prepared_image(detector):
+    # Detecting on a small image equals detecting on the prepared image and scaling back.
+    detector.max_detections = None
+    image = synthetic_image(20, 12)
+    prepared, scale_x, scale_y = prepare_detector_image(image)
+    assert min(prepared.size) >= MIN_DETECTOR_SIDE
+
+    direct = detector.detect(image, ["dog"])
+    on_prepared = detector.detect(prepared, ["dog"])
+    expected = detections_to_original(on_prepared, scale_x, scale_y, image.width, image.height)
+
+    assert direct
+    assert len(direct) == len(expected)
+    direct.sort(key=lambda d: d.box.to_list())
+    expected.sort(key=lambda d: d.box.to_list())
+    for got, want in zip(direct, expected):
+        assert got.box.to_list() == pytest.approx(want.box.to_list(), abs=1e-4)
+        assert got.score == pytest.approx(want.score, abs=1e-5)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (300, 90), (256, 32), (640, 480)])
+def test_prepare_keeps_normal_image(size):
+    image = synthetic_image(*size)
+    prepared, scale_x, scale_y = prepare_detector_image(image)
+    assert prepared is image
+    assert (scale_x, scale_y) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("size", "prepared_size", "scaled_size"),
+    [
+        ((1, 1), (32, 32), (32, 32)),
+        ((16, 8), (64, 32), (64, 32)),
+        ((3, 2000), (250, 2000), (3, 2000)),
+        ((2000, 3), (2000, 250), (2000, 3)),
+        ((500, 4), (1024, 128), (1024, 8)),
+        ((400, 40), (400, 50), (400, 40)),
+    ],
+)
+def test_prepare_upscales_and_pads(size, prepared_size, scaled_size):
+    image = synthetic_image(*size)
+    prepared, scale_x, scale_y = prepare_detector_image(image)
+
+    assert prepared.size == prepared_size
+    assert (round(size[0] * scale_x), round(size[1] * scale_y)) == scaled_size
+    assert prepared.mode == "RGB"
+    # The padding is mid-grey at the bottom right; the image content stays at the top left.
+    if scaled_size != prepared_size:
+        assert prepared.getpixel((prepared_size[0] - 1, prepared_size[1] - 1)) == BACKGROUND_RGB
+
+
+def test_prepared_boxes_map_back_exactly():
+    image = synthetic_image(10, 3)
+    prepared, scale_x, scale_y = prepare_detector_image(image)
+    scaled_width, scaled_height = round(10 * scale_x), round(3 * scale_y)
+    assert prepared.size == (scaled_width, max(32, scaled_height))
+
+    whole = Detection("a", 0.9, Box(0.0, 0.0, float(scaled_width), float(scaled_height)))
+    part = Detection("b", 0.8, Box(scale_x * 2, scale_y * 1, scale_x * 5, scale_y * 2))
+    overlapping_padding = Detection("c", 0.7, Box(0.0, 0.0, float(prepared.width), float(prepared.height)))
+    in_padding = Detection("d", 0.6, Box(0.0, scaled_height + 1.0, 5.0, float(prepared.height)))
+
+    mapped = detections_to_original([whole, part, overlapping_padding, in_padding], scale_x, scale_y, 10, 3)
+
+    assert [d.label for d in mapped] == ["a", "b", "c"]
+    assert mapped[0].box.to_list() == pytest.approx([0.0, 0.0, 10.0, 3.0], abs=1e-9)
+    assert mapped[1].box.to_list() == pytest.approx([2.0, 1.0, 5.0, 2.0], abs=1e-9)
+    assert mapped[2].box.to_list() == pytest.approx([0.0, 0.0, 10.0, 3.0], abs=1e-9)
+    assert mapped[1].score == 0.8

@@ -419,3 +419,64 @@ def test_pixel_limit_checked_before_decoding(tmp_path):
     _png_with_header_size(claimed, 5_000, 4_000)
     with pytest.raises(ImageLoadError, match="20,000,000 pixels, above the limit of 10,000,000"):
         load_image(claimed, max_pixels=10_000_000)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_float_array_0_to_255_scaled(dtype, caplog):
+    array = np.array([[[0.0, 128.0, 255.0], [10.0, 20.0, 30.0]]], dtype=dtype)
+    with caplog.at_level("WARNING", logger="patch_matters_core.images"):
+        image = load_image(array)
+    assert image.getpixel((0, 0)) == (0, 128, 255)
+    assert image.getpixel((1, 0)) == (10, 20, 30)
+    assert "read as 0..255" in caplog.text
+
+
+def test_float_tensor_0_to_255_scaled(caplog):
+    torch = pytest.importorskip("torch")
+
+    tensor = torch.tensor([[[[0.0, 64.0, 200.0], [255.0, 255.0, 255.0]]]], dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="patch_matters_core.images"):
+        image = load_image(tensor)
+    assert image.getpixel((0, 0)) == (0, 64, 200)
+    assert image.getpixel((1, 0)) == (255, 255, 255)
+    assert "read as 0..255" in caplog.text
+
+
+def test_pil_float_mode_0_to_255_scaled(caplog):
+    float_image = Image.fromarray(np.array([[0.0, 100.0, 255.0]], dtype=np.float32))
+    assert float_image.mode == "F"
+    with caplog.at_level("WARNING", logger="patch_matters_core.images"):
+        image = load_image(float_image)
+    assert [image.getpixel((x, 0))[0] for x in range(3)] == [0, 100, 255]
+    assert "read as 0..255" in caplog.text
+
+
+def test_float_unit_range_has_no_warning(caplog):
+    with caplog.at_level("WARNING", logger="patch_matters_core.images"):
+        image = load_image(np.array([[0.0, 0.25, 1.0]], dtype=np.float32))
+    assert [image.getpixel((x, 0))[0] for x in range(3)] == [0, 64, 255]
+    assert caplog.records == []
+
+
+def test_float_overshoot_clipped_with_warning(caplog):
+    with caplog.at_level("WARNING", logger="patch_matters_core.images"):
+        image = load_image(np.array([[0.5, 1.2, -0.1]], dtype=np.float32))
+    assert [image.getpixel((x, 0))[0] for x in range(3)] == [128, 255, 0]
+    assert "2 float pixel values lie outside 0..1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        np.array([[0.0, 300.0]], dtype=np.float32),
+        Image.fromarray(np.array([[0.0, 65535.0]], dtype=np.float32)),
+    ],
+    ids=["array", "pil-mode-F"],
+)
+def test_float_above_255_raises(source):
+    with pytest.raises(ImageLoadError) as raised:
+        load_image(source)
+    message = str(raised.value)
+    assert "outside both 0..1 and 0..255" in message
+    assert "from 0 to" in message
+    assert "convert them to uint8" in message

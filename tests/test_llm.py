@@ -307,3 +307,31 @@ def test_tiny_stops_after_json(tiny_llm: TransformersTextModel) -> None:
     assert stopped.raw.startswith('{"done": true}')
     assert len(stopped.raw) < len(unstopped.raw)
     assert unstopped.hit_token_limit
+
+
+@pytest.mark.parametrize(
+    "folder_name, model_type",
+    [("vlm-qwen2_5_vl", "qwen2_5_vl"), ("vlm-smolvlm", "smolvlm"), ("vlm-llava", "llava")],
+)
+def test_vlm_folder_rejected_briefly(tiny_models: Path, folder_name: str, model_type: str) -> None:
+    with pytest.raises(ModelLoadError) as raised:
+        load_llm(str(tiny_models / folder_name), device="cpu")
+
+    message = str(raised.value)
+    assert "vision-language model" in message
+    assert f"model_type {model_type}" in message
+    assert "--vlm" in message
+    assert "leave the LLM unset" in message
+    assert "Model type should be one of" not in message
+    assert len(message) < 400
+    assert loading.cached_count("llm") == 0
+
+
+def test_detector_folder_rejected_as_not_causal(tiny_models: Path) -> None:
+    with pytest.raises(ModelLoadError) as raised:
+        load_llm(str(tiny_models / "det-owlv2"), device="cpu")
+
+    message = str(raised.value)
+    assert "model_type owlv2" in message
+    assert "not a text-generation (causal) language model" in message
+    assert loading.cached_count("llm") == 0

@@ -145,3 +145,26 @@ def test_extract_json_cases(text: str, expected) -> None:
 @pytest.mark.parametrize("text", ["", "no json here", "{broken: ", "[", "{}}"[:1], "just [ text"])
 def test_extract_json_nothing_parses(text: str) -> None:
     assert extract_json(text) is None
+
+
+UNPRINTABLE_CASES = [
+    ("nul and etb", "A dog\x00 runs\x17 on the beach.", "A dog runs on the beach."),
+    ("escape and delete", "A red\x1b car\x7f is parked.", "A red car is parked."),
+    ("c1 control", "Two cats\x9b sleep.", "Two cats sleep."),
+    ("replacement character", "A caf\ufffd with tables\ufffd.", "A caf with tables."),
+    ("lone surrogate", "A kite\ud83d flies.", "A kite flies."),
+    ("before an opening phrase", "\x00\x02Sure! Here's a caption: A bus stops.", "A bus stops."),
+    ("newline and tab kept as spaces", "A dog\n\truns.", "A dog runs."),
+    ("emoji and accents kept", "A caf\u00e9 sign with \U0001f600.", "A caf\u00e9 sign with \U0001f600."),
+]
+
+
+@pytest.mark.parametrize(
+    "raw, expected", [case[1:] for case in UNPRINTABLE_CASES], ids=[case[0] for case in UNPRINTABLE_CASES]
+)
+def test_clean_removes_unprintable(raw: str, expected: str) -> None:
+    assert clean_generated_text(raw) == expected
+
+
+def test_clean_removes_unprintable_from_prefill() -> None:
+    assert clean_generated_text(" sits\x00 on a mat.", prefill="A cat\x17") == "A cat sits on a mat."

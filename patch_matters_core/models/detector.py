@@ -15,12 +15,17 @@ The families differ in how boxes and labels come back:
   A label's score for a box is the highest score of its tokens. Its boxes are relative to the
   image.
 
+Images with a side below ``MIN_DETECTOR_SIDE`` pixels or an aspect ratio above
+``MAX_DETECTOR_ASPECT_RATIO`` are upscaled and padded at the bottom and right before
+detection, and the boxes are mapped back to the original pixels.
+
 torch and transformers are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -28,6 +33,7 @@ from typing import Any, Optional, Sequence
 from PIL import Image
 
 from ..errors import MissingDependencyError, ModelLoadError
+from ..images import BACKGROUND_RGB
 from ..types import Box, Detection, ModelInfo
 from . import loading
 
@@ -47,6 +53,18 @@ DEFAULT_OWL_QUERIES_PER_CALL = 32
 # Detections kept per image, best scores first. Without a cap, OWLv2 base (960 px images in
 # 16 px patches) returns 3600 boxes per image, and every one of them would land in the trace.
 DEFAULT_MAX_DETECTIONS = 100
+
+# Smallest image side given to a detector, in pixels. transformers' image processors guess
+# that an array is channels-first when a dimension has size 1, 3 or 4. The OWLv2 processor
+# pads and resizes with that guess, so a 1- or 3-pixel side logs a warning or transposes the
+# image. Smaller images are upscaled, up to a long side of MAX_UPSCALED_SIDE, then padded.
+MIN_DETECTOR_SIDE = 32
+MAX_UPSCALED_SIDE = 1024
+# Largest ratio of long to short side given to a detector. Grounding DINO's processor fits
+# the long side into its longest_edge (1333 px by default in transformers 5.25), so the short
+# side of a 2000x3 strip rounds to 0 px and the processor raises ValueError. Longer images
+# are padded on the short side down to this ratio.
+MAX_DETECTOR_ASPECT_RATIO = 8.0
 
 
 @dataclass(frozen=True)
@@ -98,10 +116,17 @@ class ZeroShotDetector:
             image = image.convert("RGB")
 
         start = time.perf_counter()
+        # The processors get PIL images, which they read as height x width x channels
+        # without guessing. The OWLv2 processor guesses again when it pads and resizes, and
+        # input_data_format does not reach those steps, so prepare_detector_image keeps every
+        # side at MIN_DETECTOR_SIDE or more.
+        prepared, scale_x, scale_y = prepare_detector_image(image)
         if self.family in OWL_TYPES:
-            detections = self._detect_owl(image, queries)
+            detections = self._detect_owl(prepared, queries)
         else:
-            detections = self._detect_grounding_dino(image, queries)
+            detections = self._detect_grounding_dino(prepared, queries)
+        if prepared is not image:
+            detections = detections_to_original(detections, scale_x, scale_y, image.width, image.height)
 
         detections.sort(key=lambda detection: detection.score, reverse=True)
         if self.max_detections is not None:
@@ -262,6 +287,81 @@ class ZeroShotDetector:
             )
             detections.extend(_detections(boxes, scores.cpu().tolist(), labels.cpu().tolist(), chunk))
         return detections
+
+
+def prepare_detector_image(
+    image: Image.Image,
+    min_side: int = MIN_DETECTOR_SIDE,
+    max_aspect_ratio: float = MAX_DETECTOR_ASPECT_RATIO,
+) -> tuple[Image.Image, float, float]:
+    """Upscale and pad an image that is too small or too long for a detector's processor.
+
+    Returns the image to detect on and the factors ``(scale_x, scale_y)`` that multiply pixel
+    coordinates of ``image`` into pixel coordinates of that image. An image with both sides >= ``min_side`` and an
+    aspect ratio <= ``max_aspect_ratio`` is returned unchanged with factors 1.0.
+
+    Otherwise the image is upscaled until its short side is ``min_side``, unless the long
+    side would then exceed ``MAX_UPSCALED_SIDE`` (it is upscaled less, never shrunk). Then
+    the image is padded with ``BACKGROUND_RGB`` at the right and bottom until both sides are
+    >= ``min_side`` and the aspect ratio is <= ``max_aspect_ratio``. The original pixels
+    stay at the top left, so a prepared coordinate x maps back to x / scale_x.
+    """
+    width, height = image.size
+    short_side, long_side = min(width, height), max(width, height)
+    if short_side >= min_side and long_side <= short_side * max_aspect_ratio:
+        return image, 1.0, 1.0
+
+    scale = 1.0
+    if short_side < min_side:
+        scale = max(1.0, min(min_side / short_side, MAX_UPSCALED_SIDE / long_side))
+    scaled_width = max(1, round(width * scale))
+    scaled_height = max(1, round(height * scale))
+    scaled = image
+    if (scaled_width, scaled_height) != (width, height):
+        scaled = image.resize((scaled_width, scaled_height), resample=Image.Resampling.BICUBIC)
+
+    min_short_side = max(min_side, math.ceil(max(scaled_width, scaled_height) / max_aspect_ratio))
+    padded_width = max(scaled_width, min_short_side)
+    padded_height = max(scaled_height, min_short_side)
+    prepared = scaled
+    if (padded_width, padded_height) != scaled.size:
+        prepared = Image.new("RGB", (padded_width, padded_height), BACKGROUND_RGB)
+        prepared.paste(scaled, (0, 0))
+
+    logger.debug(
+        "Prepared a %dx%d image as %dx%d for the detector (upscaled to %dx%d, then padded).",
+        width,
+        height,
+        padded_width,
+        padded_height,
+        scaled_width,
+        scaled_height,
+    )
+    return prepared, scaled_width / width, scaled_height / height
+
+
+def detections_to_original(
+    detections: list[Detection], scale_x: float, scale_y: float, width: int, height: int
+) -> list[Detection]:
+    """Map detections on an image from ``prepare_detector_image`` back to the original pixels.
+
+    Boxes are divided by the scale factors and clipped to ``width`` x ``height``. Boxes that
+    lie wholly in the padding are dropped.
+    """
+    mapped = []
+    for detection in detections:
+        box = detection.box
+        x0 = min(max(box.x0 / scale_x, 0.0), float(width))
+        y0 = min(max(box.y0 / scale_y, 0.0), float(height))
+        x1 = min(max(box.x1 / scale_x, 0.0), float(width))
+        y1 = min(max(box.y1 / scale_y, 0.0), float(height))
+        if x1 > x0 and y1 > y0:
+            mapped.append(Detection(label=detection.label, score=detection.score, box=Box(x0, y0, x1, y1)))
+
+    dropped = len(detections) - len(mapped)
+    if dropped:
+        logger.debug("Dropped %d predicted boxes that lie in the padding of a small or long image.", dropped)
+    return mapped
 
 
 def relative_boxes_to_pixels(

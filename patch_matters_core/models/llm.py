@@ -56,6 +56,7 @@ class TransformersTextModel:
         started = time.perf_counter()
         logger.info("Loading llm model %s on %s (%s).", source.location, device, loading.dtype_name(dtype))
 
+        _check_causal_lm(source)
         tokenizer = loading.from_pretrained(AutoTokenizer, source, ROLE)
         if not getattr(tokenizer, "chat_template", None):
             raise ModelLoadError(
@@ -288,6 +289,44 @@ def load_llm(spec: str, device: str = "auto", dtype: Any = "auto") -> Transforme
         resolved_device,
         resolved_dtype,
         lambda: TransformersTextModel.load(source, resolved_device, resolved_dtype),
+    )
+
+
+def _check_causal_lm(source: loading.ModelSource) -> None:
+    """Raise ModelLoadError when the config names a model type that AutoModelForCausalLM cannot load.
+
+    A vision-language model gets its own message, because passing one as the LLM is a common
+    mix-up and transformers' own error lists every causal LM config class (200 in
+    transformers 5.25). GGUF files are not checked: building their config parses the GGUF
+    metadata, which took 7 s for the 135M SmolLM2 GGUF on a shared 2-core CPU, and the GGUF
+    loader of transformers 5.25 reads only text-model architectures.
+    """
+    if source.gguf_file:
+        return
+
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    config = loading.from_pretrained(AutoConfig, source, ROLE)
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return
+
+    # Detectors and CLIP also have a vision_config, so only the image-text-to-text mapping
+    # identifies a vision-language model.
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"llm model '{source.spec}' is a vision-language model (model_type {model_type}), not a "
+            "text-only language model. Pass it as the VLM (--vlm), or leave the LLM unset (no "
+            "--llm) so that the VLM also runs the text steps."
+        )
+    raise ModelLoadError(
+        f"llm model '{source.spec}' has model_type {model_type}, which is not a text-generation "
+        "(causal) language model. Pass a chat LLM folder, hub id or .gguf file, for example "
+        "HuggingFaceTB/SmolLM2-360M-Instruct."
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import unicodedata
 from typing import Any, Optional
 
 # Tokens after which a chat model's turn is over; text after them belongs to a new turn.
@@ -66,6 +67,12 @@ _LIST_ITEM = re.compile(r"^\s*(?:[-*+\u2022]|\d{1,3}[.)]|\(?[a-z][.)])\s+(.*)$")
 _EMPHASIS = re.compile(r"(\*\*|__)(.+?)\1|(?<![\w*])\*(?!\s)([^*\n]+?)(?<!\s)\*(?![\w*])")
 _QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
 
+# Unicode categories of characters that a caption never contains: control characters (Cc)
+# and lone surrogate halves (Cs), which byte-level decoding can leave behind.
+_UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cs"})
+# U+FFFD, which decoding puts where a token ended inside a multi-byte UTF-8 character.
+_REPLACEMENT_CHARACTER = "\ufffd"
+
 
 def clean_generated_text(raw: str, prefill: str = "") -> str:
     """Turn a decoded model response into one paragraph of plain text.
@@ -74,7 +81,9 @@ def clean_generated_text(raw: str, prefill: str = "") -> str:
     unless ``raw`` already starts with it. When it is not blank, the start of the response is
     kept as it is (no role label or opening phrase can precede a prefill).
 
-    The text is cut at the first end-of-turn token or invented new turn. Then reasoning
+    Control characters other than whitespace, lone surrogates and U+FFFD replacement
+    characters are removed first. The text is cut at the first end-of-turn token or invented
+    new turn. Then reasoning
     blocks, special tokens, role labels, chatty openings, markdown headers, emphasis and code
     fences are removed. List items become sentences, quotes around the whole response are
     removed and whitespace is collapsed.
@@ -88,6 +97,7 @@ def clean_generated_text(raw: str, prefill: str = "") -> str:
     if prefill and not text.startswith(prefill):
         text = prefill + text
 
+    text = _remove_unprintable(text)
     text = _cut_after_turn(text)
     text = _remove_reasoning(text)
     text = _SPECIAL_TOKENS.sub(" ", text)
@@ -98,6 +108,16 @@ def clean_generated_text(raw: str, prefill: str = "") -> str:
     text = _flatten_markdown(text)
     text = _strip_surrounding_quotes(text.strip())
     return re.sub(r"\s+", " ", text).strip()
+
+
+def _remove_unprintable(text: str) -> str:
+    """Remove control characters, surrogates and U+FFFD; whitespace controls (newline, tab) stay."""
+    return "".join(
+        char
+        for char in text
+        if char.isspace()
+        or (char != _REPLACEMENT_CHARACTER and unicodedata.category(char) not in _UNPRINTABLE_CATEGORIES)
+    )
 
 
 def _cut_after_turn(text: str) -> str:
