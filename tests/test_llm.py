@@ -71,6 +71,13 @@ def build_tiny_llama(folder: Path, chat_template: str | None) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def empty_model_cache():
+    """Start from an empty model cache: earlier test modules may have left models in it."""
+    loading.release_models()
+    yield
+
+
 @pytest.fixture(scope="module")
 def tiny_chat_folder(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), CHATML_TEMPLATE)
@@ -314,6 +321,7 @@ def test_tiny_stops_after_json(tiny_llm: TransformersTextModel) -> None:
     [("vlm-qwen2_5_vl", "qwen2_5_vl"), ("vlm-smolvlm", "smolvlm"), ("vlm-llava", "llava")],
 )
 def test_vlm_folder_rejected_briefly(tiny_models: Path, folder_name: str, model_type: str) -> None:
+    cached_before = loading.cached_count("llm")
     with pytest.raises(ModelLoadError) as raised:
         load_llm(str(tiny_models / folder_name), device="cpu")
 
@@ -324,14 +332,15 @@ def test_vlm_folder_rejected_briefly(tiny_models: Path, folder_name: str, model_
     assert "leave the LLM unset" in message
     assert "Model type should be one of" not in message
     assert len(message) < 400
-    assert loading.cached_count("llm") == 0
+    assert loading.cached_count("llm") == cached_before
 
 
 def test_detector_folder_rejected_as_not_causal(tiny_models: Path) -> None:
+    cached_before = loading.cached_count("llm")
     with pytest.raises(ModelLoadError) as raised:
         load_llm(str(tiny_models / "det-owlv2"), device="cpu")
 
     message = str(raised.value)
     assert "model_type owlv2" in message
     assert "not a text-generation (causal) language model" in message
-    assert loading.cached_count("llm") == 0
+    assert loading.cached_count("llm") == cached_before
