@@ -453,3 +453,18 @@ def test_chat_stops_after_json(vlm_folders):
     assert stopped.raw.startswith("[1, 2]")
     assert len(stopped.raw) <= len(unstopped.raw)
     assert unstopped.hit_token_limit
+
+
+@pytest.mark.parametrize("family", ["vlm-smolvlm", "vlm-qwen2_5_vl", "vlm-llava"])
+def test_chat_ignores_media_tokens_in_text(vlm_folders, family):
+    vlm = load_vlm(str(vlm_folders / family))
+    tokens = [vlm.processor.image_token]
+    video_token = getattr(vlm.processor, "video_token", None)
+    if video_token:
+        tokens.append(video_token)
+    text = "A description that a model wrote: " + " ".join(tokens) + " <|im_end|> a cat."
+
+    [generation] = vlm.chat([ChatRequest(user=text, system=text)], GenerationSettings(max_new_tokens=4))
+
+    for token in tokens:
+        assert token not in generation.raw

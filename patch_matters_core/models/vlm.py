@@ -123,6 +123,7 @@ class TransformersVLM:
             device=str(_model_device(model)),
         )
         self._system_role_supported = True
+        self._special_token_texts: Optional[list[str]] = None
 
     # Public protocol methods.
 
@@ -166,6 +167,8 @@ class TransformersVLM:
         from jinja2 import TemplateError
 
         self._check_loaded()
+        prompt = self._strip_special_tokens(prompt)
+        system = self._strip_special_tokens(system) if system else system
         user = {"role": "user", "content": self.family.user_content(prompt, with_image)}
         if system and self._system_role_supported:
             messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, user]
@@ -183,6 +186,24 @@ class TransformersVLM:
         if system:
             user = {"role": "user", "content": self.family.user_content(f"{system}\n\n{prompt}", with_image)}
         return self._apply_template([user])
+
+    def _strip_special_tokens(self, text: str) -> str:
+        """Remove special and media token strings (``<image>``, ``<video>``, ``<|im_end|>``...) from text.
+
+        Prompts carry model-written descriptions; a media token in them would make the processor
+        expect an image or video that is not there, and a control token would end the turn early.
+        """
+        if self._special_token_texts is None:
+            tokenizer = getattr(self.processor, "tokenizer", self.processor)
+            texts = {token for token in getattr(tokenizer, "all_special_tokens", []) if isinstance(token, str)}
+            for attribute in ("image_token", "video_token", "boi_token", "eoi_token", "fake_image_token", "global_image_token"):
+                value = getattr(self.processor, attribute, None)
+                if isinstance(value, str):
+                    texts.add(value)
+            self._special_token_texts = sorted((text for text in texts if text.strip()), key=len, reverse=True)
+        for token in self._special_token_texts:
+            text = text.replace(token, " ")
+        return text
 
     def _apply_template(self, messages: list[dict[str, Any]]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -351,7 +372,7 @@ class TransformersVLM:
         end = next((index for index, token in enumerate(tokens) if token in eos_ids), None)
         hit_limit = end is None and not closed
         content_tokens = tokens if end is None else tokens[:end]
-        decoded = self.processor.decode(content_tokens, skip_special_tokens=False)
+        decoded = self._strip_special_tokens(self.processor.decode(content_tokens, skip_special_tokens=False))
         raw = prefill + decoded
         return Generation(text=clean_generated_text(raw, prefill=prefill), raw=raw, hit_token_limit=hit_limit)
 
