@@ -156,7 +156,7 @@ def _display(path: Path | str) -> str:
 
 
 def _trace_paths(trace_arg: Optional[str], images: Sequence[Path]) -> list[Optional[Path]]:
-    """One trace path per image: FILE for one image, FOLDER/NAME.json (made unique) for several.
+    """Return one trace path per image: FILE for one image, FOLDER/NAME.json (made unique) for several.
 
     Checked before any model loads, so that a bad path fails at once instead of after the run.
     """
@@ -267,7 +267,11 @@ def run_batch(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
-    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    level = logging.WARNING
+    if args.verbose:
+        level = logging.INFO
+    if args.quiet:
+        level = logging.ERROR
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger.handlers[:] = [handler]

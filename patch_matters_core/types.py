@@ -200,8 +200,8 @@ class Statement:
     """One statement of a filtered set, with its kind, its ITM score and whether it was kept.
 
     ``patch`` is the set the statement belongs to (a patch name or a ``pair:`` name);
-    ``source_patch`` and ``sample_index`` say which description it came from when it came from
-    one; ``sample_indexes`` lists every sample that states it.
+    ``source_patch`` and ``sample_index`` name the description it came from when it came from
+    one, and ``sample_indexes`` lists every sample that states it.
     ``group`` numbers the contradictory group it belongs to, ``None`` for other kinds.
     ``score`` is ``None`` when the statement was not scored.
     """
@@ -346,7 +346,7 @@ class Aggregation:
 
 @dataclass
 class ModelInfo:
-    """What ran in one role (vlm, llm, detector, scorer)."""
+    """Model that ran in one role (vlm, llm, detector, scorer)."""
 
     role: str
     source: Optional[str]

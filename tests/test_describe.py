@@ -11,7 +11,7 @@ from patch_matters_core.types import Box, ModelInfo, Patch, PatchSet
 
 
 class EchoVLM:
-    """Answers each request with the crop size and a running number, to trace where it lands."""
+    """Return for each request the crop size and a running number, to trace where it lands."""
 
     info = ModelInfo(role="vlm", source="echo")
     min_side = 28

@@ -44,7 +44,7 @@ class ChatRequest:
     user: str
     system: Optional[str] = None
     prefill: str = ""
-    # Stop generating once the reply (prefill included) holds one complete JSON object or array.
+    # Stop generating once the reply (prefill included) contains one complete JSON object or array.
     stop_after_json: bool = False
 
 
@@ -61,7 +61,7 @@ class VisionLanguageModel(Protocol):
         seed: Optional[int] = None,
         progress: Optional[ProgressCallback] = None,
     ) -> list[Generation]:
-        """Generate one answer per request, in request order, batching as memory allows."""
+        """Generate one output per request, in request order, batching as memory allows."""
         ...
 
 
@@ -76,7 +76,7 @@ class TextModel(Protocol):
         seed: Optional[int] = None,
         progress: Optional[ProgressCallback] = None,
     ) -> list[Generation]:
-        """Generate one answer per request, in request order."""
+        """Generate one output per request, in request order."""
         ...
 
 

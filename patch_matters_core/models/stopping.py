@@ -1,4 +1,4 @@
-"""Stopping a generated reply as soon as it holds one complete JSON value.
+"""Stopping a generated reply as soon as it contains one complete JSON value.
 
 A model asked for JSON often keeps writing after the closing brace (an explanation, a second
 copy), and a small model may never emit its end-of-sequence token. Stopping at the close saves

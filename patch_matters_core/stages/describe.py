@@ -17,7 +17,7 @@ from ..types import GLOBAL, Box, Descriptions, Fallback, PatchSet
 
 logger = logging.getLogger(__name__)
 
-# Answers that describe nothing: a model declining, or asking for the image it was given.
+# Outputs that describe nothing: a model declining, or requesting the image it was given.
 _REFUSAL = re.compile(
     r"^(i'?m sorry|sorry,|i cannot|i can'?t|i am unable|as an ai|please (provide|upload))",
     re.IGNORECASE,
@@ -56,7 +56,7 @@ def describe(
     """Describe every described patch ``config.num_samples`` times with sampling.
 
     The global description is generated too unless ``global_description`` is given. All patch
-    samples go to the VLM as one list of requests, which the backend batches; the answers are
+    samples go to the VLM as one list of requests, which the backend batches. The outputs are
     stored by (patch name, sample index), so no patch can receive another patch's samples.
     """
     start = time.perf_counter()
@@ -111,7 +111,7 @@ def _crop(image: Image.Image, box: Box, config: DescribeConfig, vlm: VisionLangu
 
 
 # Qwen2-VL and Qwen2.5-VL processors reject images whose long side is 200 or more times the
-# short side; a thin strip is padded to this ratio instead.
+# short side, so a thin strip is padded to this ratio instead.
 MAX_ASPECT_RATIO = 50.0
 # Mid grey, the background load_image flattens transparency onto.
 PAD_COLOR = (128, 128, 128)
@@ -148,7 +148,7 @@ def _generate(
         chunk_seed = None if seed is None else seed + offset
         generations.extend(vlm.describe(requests[offset : offset + size], settings, seed=chunk_seed, progress=progress))
     if len(generations) != len(requests):
-        raise RuntimeError(f"The VLM returned {len(generations)} answers for {len(requests)} requests.")
+        raise RuntimeError(f"The VLM returned {len(generations)} outputs for {len(requests)} requests.")
     return generations
 
 
