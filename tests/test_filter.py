@@ -494,3 +494,13 @@ def test_filter_with_smollm2_and_blip(smollm2, tiny_models, coco_images):
             else:
                 assert statement.score is not None
                 assert 0.0 <= statement.score <= 1.0
+
+
+def test_repeated_reply_is_read_and_noted():
+    reply = sorting_json(consistent=[("a man walks a dog", [1, 3])], unique=[("the car has a dented door", 2)])
+    generation = Generation(text="", raw=SORT_PREFILL + reply, repeated=True)
+
+    statements, problems = parse_sorting(generation, statement_set(RED_CAR), 0.5)
+
+    assert "a man walks a dog" in {s.text for s in statements}
+    assert any("repeating one passage" in p for p in problems)

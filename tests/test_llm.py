@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from patch_matters_core.errors import MissingDependencyError, ModelLoadError
 from patch_matters_core.models import loading
 from patch_matters_core.models.base import ChatRequest, Generation, TextModel
 from patch_matters_core.models.llm import TransformersTextModel, load_llm
+from patch_matters_core.models.stopping import repetition_cut
 from patch_matters_core.models.text import extract_json
 
 CHATML_TEMPLATE = (
@@ -301,6 +303,22 @@ def test_smollm2_token_limit(smollm2: TransformersTextModel, caplog) -> None:
     assert output.hit_token_limit
     assert output.raw.startswith("Once upon a time")
     assert "1 of 1 llm responses stopped at max_new_tokens=2" in caplog.text
+
+
+def test_tiny_loop_stopped_and_cut(tiny_llm: TransformersTextModel, caplog) -> None:
+    # Greedy decoding without a repetition penalty sends this random model into loops.
+    settings = GenerationSettings(max_new_tokens=150, temperature=0.0, do_sample=False, repetition_penalty=1.0)
+    requests = [ChatRequest(user="Describe the dog."), ChatRequest(user="Kitchen?", prefill='["')]
+
+    with caplog.at_level(logging.INFO, logger="patch_matters_core.models.llm"):
+        outputs = tiny_llm.chat(requests, settings)
+
+    assert all(output.repeated and not output.hit_token_limit for output in outputs)
+    assert all(repetition_cut(output.raw) is None for output in outputs)
+    assert outputs[1].raw.startswith('["')
+    assert "2 of 2 llm responses kept repeating one passage" in caplog.text
+    generated = re.search(r"llm generated 2 responses \((\d+) new tokens\)", caplog.text)
+    assert generated and int(generated.group(1)) < 2 * settings.max_new_tokens
 
 
 def test_tiny_stops_after_json(tiny_llm: TransformersTextModel) -> None:

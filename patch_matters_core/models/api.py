@@ -35,6 +35,7 @@ from ..config import GenerationSettings
 from ..errors import ConfigError, ModelLoadError, PatchMattersError
 from ..types import ModelInfo
 from .base import ChatRequest, Generation, ProgressCallback, VisionRequest
+from .stopping import cut_repetition
 from .text import clean_generated_text
 
 logger = logging.getLogger(__name__)
@@ -355,10 +356,17 @@ class OpenAICompatibleModel:
             return Generation(text="", raw=prefill, hit_token_limit=finish_reason == "length")
 
         raw = content if content.startswith(prefill) else prefill + content
+        raw, repeated = cut_repetition(raw)
+        if repeated:
+            logger.warning(
+                "A response from %s kept repeating one passage; it was cut after the passage's first copy.",
+                self.base_url,
+            )
         return Generation(
             text=clean_generated_text(raw, prefill=prefill),
             raw=raw,
-            hit_token_limit=finish_reason == "length",
+            hit_token_limit=finish_reason == "length" and not repeated,
+            repeated=repeated,
         )
 
     def _send(self, method: str, path: str, body: Optional[dict[str, Any]], timeout: float) -> Any:

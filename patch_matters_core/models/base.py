@@ -27,6 +27,9 @@ class Generation:
     raw: str
     # True when generation stopped at max_new_tokens instead of an end-of-sequence token.
     hit_token_limit: bool = False
+    # True when the reply ended by repeating one passage over and over; ``raw`` and ``text`` keep
+    # its first copy (see ``stopping.repetition_cut``).
+    repeated: bool = False
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..errors import ModelLoadError
 from ..types import ModelInfo
 from . import loading
 from .base import ChatRequest, Generation, ProgressCallback
-from .stopping import json_stopping_criteria
+from .stopping import cut_repetition, reply_stopping_criteria
 from .text import clean_generated_text
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,14 @@ class TransformersTextModel:
                 if progress is not None:
                     progress("llm")
 
+        repeated = sum(1 for result in results if result.repeated)
+        if repeated:
+            logger.warning(
+                "%d of %d llm responses kept repeating one passage; generation stopped and each was cut "
+                "after the passage's first copy.",
+                repeated,
+                len(results),
+            )
         limited = sum(1 for result in results if result.hit_token_limit)
         if limited:
             logger.warning(
@@ -202,6 +210,7 @@ class TransformersTextModel:
 
     def _generate(self, prompts: list[str], requests: Sequence[ChatRequest], generation_config: Any) -> list[Generation]:
         import torch
+        from transformers import StoppingCriteriaList
 
         started = time.perf_counter()
         device = self._device()
@@ -210,37 +219,40 @@ class TransformersTextModel:
         inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
 
         prompt_length = inputs["input_ids"].shape[1]
-        extra: dict[str, Any] = {}
-        json_stop = None
-        if any(request.stop_after_json for request in requests):
-            from transformers import StoppingCriteriaList
-
-            json_stop = json_stopping_criteria(
-                self.tokenizer,
-                prompt_length,
-                [request.prefill for request in requests],
-                [request.stop_after_json for request in requests],
-            )
-            extra["stopping_criteria"] = StoppingCriteriaList([json_stop])
+        stop = reply_stopping_criteria(
+            self.tokenizer,
+            prompt_length,
+            [request.prefill for request in requests],
+            [request.stop_after_json for request in requests],
+        )
 
         with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=generation_config, **extra)
+            output = self.model.generate(
+                **inputs, generation_config=generation_config, stopping_criteria=StoppingCriteriaList([stop])
+            )
 
         results = []
         new_token_count = 0
         for row, request in enumerate(requests):
             prompt_ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
             generated = output[row, prompt_length:].tolist()
-            if json_stop is not None and json_stop.closed_at[row] is not None:
-                generated = generated[: json_stop.closed_at[row]]
+            if stop.stopped_at[row] is not None:
+                generated = generated[: stop.stopped_at[row]]
             new_ids, stopped = self._strip_after_stop(generated)
-            stopped = stopped or (json_stop is not None and json_stop.closed_at[row] is not None)
+            stopped = stopped or stop.stopped_at[row] is not None
             new_token_count += len(new_ids)
 
             continuation = self._decode_continuation(prompt_ids, new_ids)
-            raw = request.prefill + continuation
-            hit_limit = not stopped and len(new_ids) >= generation_config.max_new_tokens
-            results.append(Generation(text=clean_generated_text(raw, request.prefill), raw=raw, hit_token_limit=hit_limit))
+            raw, repeated = cut_repetition(request.prefill + continuation)
+            hit_limit = not stopped and not repeated and len(new_ids) >= generation_config.max_new_tokens
+            results.append(
+                Generation(
+                    text=clean_generated_text(raw, request.prefill),
+                    raw=raw,
+                    hit_token_limit=hit_limit,
+                    repeated=repeated,
+                )
+            )
 
         logger.info(
             "llm generated %d responses (%d new tokens) in %.1f s.",

@@ -26,7 +26,7 @@ from ..errors import MissingDependencyError, ModelLoadError, PatchMattersError
 from ..types import ModelInfo
 from . import loading
 from .base import ChatRequest, Generation, ProgressCallback, VisionRequest
-from .stopping import json_stopping_criteria
+from .stopping import cut_repetition, reply_stopping_criteria
 from .text import clean_generated_text
 
 logger = logging.getLogger(__name__)
@@ -270,6 +270,15 @@ class TransformersVLM:
             if progress is not None:
                 progress(label)
 
+        repeated = sum(1 for result in results if result is not None and result.repeated)
+        if repeated:
+            logger.warning(
+                "%d of %d %s outputs kept repeating one passage; generation stopped and each was cut after "
+                "the passage's first copy.",
+                repeated,
+                len(results),
+                label,
+            )
         limited = sum(1 for result in results if result is not None and result.hit_token_limit)
         if limited:
             logger.warning(
@@ -293,6 +302,7 @@ class TransformersVLM:
         json_rows: Optional[list[bool]] = None,
     ) -> list[Generation]:
         import torch
+        from transformers import StoppingCriteriaList
 
         device = _model_device(self.model)
         self.info.device = str(device)
@@ -305,26 +315,23 @@ class TransformersVLM:
 
         generation_config = self._generation_config(settings)
         prompt_length = inputs["input_ids"].shape[1]
-        extra: dict[str, Any] = {}
-        json_stop = None
-        if json_rows and any(json_rows):
-            from transformers import StoppingCriteriaList
-
-            json_stop = json_stopping_criteria(self.processor.tokenizer, prompt_length, prefills, json_rows)
-            extra["stopping_criteria"] = StoppingCriteriaList([json_stop])
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        stop = reply_stopping_criteria(tokenizer, prompt_length, prefills, json_rows or [False] * len(prompts))
 
         started = time.perf_counter()
         with torch.inference_mode(), _seeded(seed, device):
-            output = self.model.generate(**inputs, generation_config=generation_config, **extra)
+            output = self.model.generate(
+                **inputs, generation_config=generation_config, stopping_criteria=StoppingCriteriaList([stop])
+            )
         seconds = time.perf_counter() - started
 
         new_tokens = output[:, prompt_length:].tolist()
         eos_ids = _token_ids(generation_config.eos_token_id)
         generations = []
         for row, (tokens, prefill) in enumerate(zip(new_tokens, prefills)):
-            closed_at = json_stop.closed_at[row] if json_stop is not None else None
-            if closed_at is not None:
-                generations.append(self._decode(tokens[:closed_at], eos_ids, prefill, closed=True))
+            stopped_at = stop.stopped_at[row]
+            if stopped_at is not None:
+                generations.append(self._decode(tokens[:stopped_at], eos_ids, prefill, closed=True))
             else:
                 generations.append(self._decode(tokens, eos_ids, prefill))
         logger.info(
@@ -368,13 +375,16 @@ class TransformersVLM:
         """Decode the new tokens of one row up to its end-of-sequence token.
 
         ``closed`` marks a row that a stopping criterion ended, so it did not hit the token limit.
+        A reply that ends by repeating one passage is cut after the passage's first copy.
         """
         end = next((index for index, token in enumerate(tokens) if token in eos_ids), None)
-        hit_limit = end is None and not closed
         content_tokens = tokens if end is None else tokens[:end]
         decoded = self._strip_special_tokens(self.processor.decode(content_tokens, skip_special_tokens=False))
-        raw = prefill + decoded
-        return Generation(text=clean_generated_text(raw, prefill=prefill), raw=raw, hit_token_limit=hit_limit)
+        raw, repeated = cut_repetition(prefill + decoded)
+        hit_limit = end is None and not closed and not repeated
+        return Generation(
+            text=clean_generated_text(raw, prefill=prefill), raw=raw, hit_token_limit=hit_limit, repeated=repeated
+        )
 
     def _check_loaded(self) -> None:
         if self.model is None or self.processor is None:

@@ -206,6 +206,7 @@ def write_patch_descriptions(
 
     for (patch, samples, reliable), reply in zip(asked, replies, strict=True):
         text, problem = validate_prose(reply, PATCH_PREFILL, samples, echo_inputs=True)
+        _note_repetition(fallbacks, patch.name, reply, problem)
         if problem is None:
             texts[patch.name] = text
             continue
@@ -257,6 +258,7 @@ def enrich_global(
     )
     [reply] = chat(llm, [request], config.merge_generation, seed, "semantic", progress)
     text, problem = validate_prose(reply, PHOTO_PREFILL, [global_description, semantic.text], base=global_description)
+    _note_repetition(fallbacks, SEMANTIC, reply, problem)
     if problem is not None:
         reliable = filtered.sets[SEMANTIC].reliable if SEMANTIC in filtered.sets else []
         additions = reliable or split_sentences(semantic.text)
@@ -370,6 +372,7 @@ def merge_pairs(
     for (first, second), kept, statement_set, reply in zip(pairs, reliable, sets, replies, strict=True):
         inputs = [level1[first].text, level1[second].text]
         text, problem = validate_prose(reply, PAIR_PREFILL, inputs, echo_inputs=True)
+        _note_repetition(fallbacks, statement_set.name, reply, problem)
         if problem is not None:
             if kept:
                 text = join_sentences(kept)
@@ -437,6 +440,7 @@ def write_final(
     [reply] = chat(llm, [request], config.final_generation, seed, "final", progress)
     region_texts = [region.text for region in regions]
     text, problem = validate_prose(reply, PHOTO_PREFILL, [global_description, *region_texts], base=global_description)
+    _note_repetition(fallbacks, FINAL, reply, problem)
     if problem is not None:
         additions = [sentence for region in regions for sentence in region_sentences(region, whole)]
         text = append_uncovered(global_description, additions, filter_config.fallback_similarity)
@@ -462,7 +466,8 @@ def validate_prose(
 ) -> tuple[str, Optional[str]]:
     """Check a written paragraph; return (text, None) when usable, else ("", the reason).
 
-    A reply cut at the token limit is trimmed to its last complete sentence. The reply is
+    A reply cut at the token limit or after a repeated passage is trimmed to its last complete
+    sentence. The reply is
     rejected when it is empty, JSON, a list, a copy of the prompt or shorter than ``MIN_WORDS``
     words after the prefill. It is also rejected when it is less than half as long as ``base``
     (the text it should extend), more than twice as long as all inputs together plus 40 words,
@@ -470,7 +475,7 @@ def validate_prose(
     of six words or more whole is rejected too.
     """
     text = reply_text(generation, prefill)
-    if generation.hit_token_limit:
+    if generation.hit_token_limit or generation.repeated:
         sentences = split_sentences(text)
         if len(sentences) > 1 and sentences[-1][-1:] not in ".!?":
             text = " ".join(sentences[:-1])
@@ -597,6 +602,12 @@ def describe_location(box: Box, whole: Box) -> str:
 def _fallback(fallbacks: list[Fallback], patch: Optional[str], reason: str) -> None:
     logger.warning("Aggregate: %s: %s.", patch, reason)
     fallbacks.append(Fallback(stage=STAGE, patch=patch, reason=reason))
+
+
+def _note_repetition(fallbacks: list[Fallback], patch: str, reply: Generation, problem: Optional[str]) -> None:
+    """Record that a usable reply was cut after a repeated passage; an unusable one gets its own fallback."""
+    if reply.repeated and problem is None:
+        _fallback(fallbacks, patch, "the reply kept repeating one passage; it was cut after the first copy and used")
 
 
 def _numbered(texts: Sequence[str]) -> str:

@@ -167,6 +167,10 @@ def _usable_text(
         reason = f"{where}: output cut at max_new_tokens={settings.max_new_tokens}; the cut text is used"
         logger.warning("Describe: %s.", reason)
         fallbacks.append(Fallback(stage="describe", patch=patch_name, reason=reason))
+    if generation.repeated and text:
+        reason = f"{where}: output kept repeating one passage; it was cut after the first copy and used"
+        logger.warning("Describe: %s.", reason)
+        fallbacks.append(Fallback(stage="describe", patch=patch_name, reason=reason))
 
     if not text:
         reason = f"{where}: the VLM returned no usable text; the sample is left out"

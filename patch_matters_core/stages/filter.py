@@ -362,7 +362,9 @@ def parse_sorting(
     data = _reply_json(generation)
     if data is None:
         reason = "the reply contains no JSON object"
-        if generation.hit_token_limit and settings is not None:
+        if generation.repeated:
+            reason += "; it kept repeating one passage"
+        elif generation.hit_token_limit and settings is not None:
             reason += (
                 f"; it was cut at max_new_tokens={settings.max_new_tokens}, so raise "
                 "filter.sorting_generation.max_new_tokens"
@@ -396,8 +398,12 @@ def parse_sorting(
 
     if not builder.statements:
         detail = f"; {problems[0]}" if problems else ""
+        if generation.repeated:
+            detail += "; the reply kept repeating one passage"
         raise _InvalidSorting(f"no usable statement in the reply{detail}")
 
+    if generation.repeated:
+        problems.append("the reply kept repeating one passage; it was cut after the first copy and read up to there")
     builder.add_uncovered_sentences(similarity, problems)
     return builder.statements, problems
 
