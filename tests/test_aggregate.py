@@ -540,9 +540,10 @@ def test_validate_prose_rejects(raw, base, reason):
     assert reason in problem
 
 
-def test_validate_prose_trims_cut_sentence():
+@pytest.mark.parametrize("cut", [{"hit_token_limit": True}, {"repeated": True}], ids=["token_limit", "repeated"])
+def test_validate_prose_trims_cut_sentence(cut):
     raw = "The photo shows a kite over a green park. A tall tree stands near the"
-    generation = Generation(text=raw, raw=raw, hit_token_limit=True)
+    generation = Generation(text=raw, raw=raw, **cut)
     text, problem = validate_prose(generation, "The photo shows", ["a kite over a park and a tall tree"])
     assert problem is None
     assert text == "The photo shows a kite over a green park."
@@ -616,11 +617,3 @@ def test_filter_and_aggregate_with_smollm2(smollm2, tiny_models, coco_images):
     assert final.level == 3
     assert final.covers == [GLOBAL, *SPATIAL_PATCH_NAMES]
     assert all(f.stage == "aggregate" for f in result.fallbacks)
-
-
-def test_validate_prose_trims_repeated_reply():
-    raw = "The photo shows a kite over a green park. A tall tree stands near the"
-    generation = Generation(text=raw, raw=raw, repeated=True)
-    text, problem = validate_prose(generation, "The photo shows", ["a kite over a park and a tall tree"])
-    assert problem is None
-    assert text == "The photo shows a kite over a green park."
