@@ -133,7 +133,7 @@ class TransformersTextModel:
         repeated = sum(1 for result in results if result.repeated)
         if repeated:
             logger.warning(
-                "%d of %d llm responses kept repeating one passage; generation stopped and each was cut "
+                "%d of %d llm responses kept repeating one passage, so generation stopped and each was cut "
                 "after the passage's first copy.",
                 repeated,
                 len(results),

@@ -58,7 +58,7 @@ def json_value_closed(text: str) -> bool:
 
 
 def repetition_cut(text: str) -> Optional[int]:
-    """Return where to cut ``text`` so that a passage it ends by repeating is kept once; None if it does not loop.
+    """Return where to cut ``text`` so that a passage repeated at its end is kept once, or None.
 
     The end of the text loops when one passage of 1 to ``MAX_PERIOD`` characters occurs there at
     least ``MIN_COPIES`` times in a row, covering at least ``MIN_REPEATED_CHARACTERS``. Digits
@@ -91,7 +91,7 @@ def cut_repetition(text: str) -> tuple[str, bool]:
 def reply_stopping_criteria(tokenizer: Any, prompt_length: int, prefills: Sequence[str], json_rows: Sequence[bool]):
     """Build a transformers StoppingCriteria that ends each row once its JSON closes or it loops.
 
-    ``json_rows[i]`` makes row i stop at its first complete JSON value; every row stops when it
+    ``json_rows[i]`` makes row i stop at its first complete JSON value, and every row stops when it
     loops (see ``repetition_cut``). ``prefills[i]`` is the text the prompt already put at the
     start of the reply. The returned object's ``stopped_at[i]`` is the number of new tokens row i
     had when it stopped, or None, and ``reasons[i]`` is "json", "repetition" or None.
