@@ -175,7 +175,7 @@ def test_tiny_token_limit_flag(tiny_llm: TransformersTextModel, caplog) -> None:
 
     limited = [g.hit_token_limit for g in outputs]
     assert all(limited)
-    assert f"{len(outputs)} of {len(outputs)} llm responses stopped at max_new_tokens=2" in caplog.text
+    assert f"{len(outputs)} of {len(outputs)} llm outputs stopped at max_new_tokens=2" in caplog.text
 
 
 def test_tiny_empty_requests(tiny_llm: TransformersTextModel) -> None:
@@ -302,7 +302,7 @@ def test_smollm2_token_limit(smollm2: TransformersTextModel, caplog) -> None:
 
     assert output.hit_token_limit
     assert output.raw.startswith("Once upon a time")
-    assert "1 of 1 llm responses stopped at max_new_tokens=2" in caplog.text
+    assert "1 of 1 llm outputs stopped at max_new_tokens=2" in caplog.text
 
 
 def test_tiny_loop_stopped_and_cut(tiny_llm: TransformersTextModel, caplog) -> None:
@@ -316,7 +316,7 @@ def test_tiny_loop_stopped_and_cut(tiny_llm: TransformersTextModel, caplog) -> N
     assert all(output.repeated and not output.hit_token_limit for output in outputs)
     assert all(repetition_cut(output.raw) is None for output in outputs)
     assert outputs[1].raw.startswith('["')
-    assert "2 of 2 llm responses kept repeating one passage" in caplog.text
+    assert "2 of 2 llm outputs kept repeating one passage" in caplog.text
     generated = re.search(r"llm generated 2 responses \((\d+) new tokens\)", caplog.text)
     assert generated and int(generated.group(1)) < 2 * settings.max_new_tokens
 

@@ -345,6 +345,22 @@ def test_import_error_passes_through(tmp_path: Path) -> None:
         from_pretrained(Loader, source, "vlm")
 
 
+def test_processor_import_error_names_model(tmp_path: Path, monkeypatch) -> None:
+    import transformers
+
+    source = ModelSource(spec="my-detector", path=tmp_path, hub_id=None)
+
+    def missing_package(target, **kwargs):
+        raise ImportError("requires the scipy library")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", missing_package)
+
+    with pytest.raises(MissingDependencyError) as caught:
+        loading.load_processor(source, "detector")
+    assert "detector model 'my-detector'" in str(caught.value)
+    assert "scipy" in str(caught.value)
+
+
 def test_resolve_device_values() -> None:
     assert resolve_device("cpu") == "cpu"
     assert resolve_device(" CPU ") == "cpu"

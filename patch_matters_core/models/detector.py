@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 from PIL import Image
 
-from ..errors import MissingDependencyError, ModelLoadError
+from ..errors import ModelLoadError
 from ..images import BACKGROUND_RGB
 from ..types import Box, Detection, ModelInfo
 from . import loading
@@ -484,18 +484,11 @@ def load_detector(
     Grounding DINO model, and MissingDependencyError when its processor needs a package
     that is not installed (the OWLv2 image processor without torchvision needs scipy).
     """
-    source = loading.resolve_source(spec, ROLE)
-    resolved_device = loading.resolve_device(device)
-    resolved_dtype = loading.resolve_dtype(dtype, resolved_device)
-
-    def build() -> ZeroShotDetector:
-        return _build_detector(source, resolved_device, resolved_dtype)
-
-    return loading.cached(ROLE, source, resolved_device, resolved_dtype, build)
+    return loading.load_cached(spec, ROLE, device, dtype, _build_detector)
 
 
 def _build_detector(source: loading.ModelSource, device: str, dtype: Any) -> ZeroShotDetector:
-    from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
+    from transformers import AutoConfig, AutoModelForZeroShotObjectDetection
 
     start = time.perf_counter()
     logger.info("Loading detector model %s on %s (%s).", source.location, device, loading.dtype_name(dtype))
@@ -509,13 +502,7 @@ def _build_detector(source: loading.ModelSource, device: str, dtype: Any) -> Zer
             "them, for example google/owlv2-base-patch16-ensemble or IDEA-Research/grounding-dino-tiny."
         )
 
-    try:
-        processor = loading.from_pretrained(AutoProcessor, source, ROLE)
-    except ImportError as error:
-        raise MissingDependencyError(
-            f"The processor of detector model '{source.spec}' needs a package that is not installed: "
-            f"{error}"
-        ) from error
+    processor = loading.load_processor(source, ROLE)
 
     model = loading.from_pretrained(AutoModelForZeroShotObjectDetection, source, ROLE, dtype=dtype)
     model = model.to(device).eval()

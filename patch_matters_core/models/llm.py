@@ -19,7 +19,7 @@ from ..errors import ModelLoadError
 from ..types import ModelInfo
 from . import loading
 from .base import ChatRequest, Generation, ProgressCallback
-from .stopping import cut_repetition, reply_stopping_criteria
+from .stopping import cut_repetition, reply_stopping_criteria, warn_cut_outputs
 from .text import clean_generated_text
 
 logger = logging.getLogger(__name__)
@@ -130,22 +130,7 @@ class TransformersTextModel:
                 if progress is not None:
                     progress("llm")
 
-        repeated = sum(1 for result in results if result.repeated)
-        if repeated:
-            logger.warning(
-                "%d of %d llm responses kept repeating one passage, so generation stopped and each was cut "
-                "after the passage's first copy.",
-                repeated,
-                len(results),
-            )
-        limited = sum(1 for result in results if result.hit_token_limit)
-        if limited:
-            logger.warning(
-                "%d of %d llm responses stopped at max_new_tokens=%d before they ended, so they may be cut off.",
-                limited,
-                len(results),
-                settings.max_new_tokens,
-            )
+        warn_cut_outputs(results, "llm", settings.max_new_tokens, logger)
         return results
 
     def release(self) -> None:

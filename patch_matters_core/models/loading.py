@@ -341,6 +341,37 @@ def cached(role: str, source: ModelSource, device: str, dtype: Any, factory: Cal
         return model
 
 
+def load_cached(
+    spec: str, role: str, device: str, dtype: Any, build: Callable[[ModelSource, str, Any], T]
+) -> T:
+    """Resolve the model spec, device and dtype, then return the cached model or ``build(source, device, dtype)``."""
+    source = resolve_source(spec, role)
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+
+    def build_resolved() -> T:
+        return build(source, resolved_device, resolved_dtype)
+
+    return cached(role, source, resolved_device, resolved_dtype, build_resolved)
+
+
+def load_processor(source: ModelSource, role: str) -> Any:
+    """Load the source's processor with AutoProcessor.
+
+    Raises MissingDependencyError, naming the model, when the processor needs a package that
+    is not installed.
+    """
+    from transformers import AutoProcessor
+
+    try:
+        return from_pretrained(AutoProcessor, source, role)
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"The processor of {role} model '{source.spec}' needs a package that is not installed: {error} "
+            "Install that package with pip and load the model again."
+        ) from error
+
+
 def discard(model: Any) -> bool:
     """Remove ``model`` from the cache without releasing it; return whether it was cached."""
     with _cache_lock:

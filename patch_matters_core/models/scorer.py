@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from ..errors import MissingDependencyError, ModelLoadError
+from ..errors import ModelLoadError
 from ..types import ModelInfo
 from . import loading
 
@@ -245,19 +245,12 @@ def load_scorer(spec: str, device: str = "auto", dtype: Any = "auto") -> ImageTe
     SigLIP model, and MissingDependencyError when its processor needs a package that is not
     installed (the SigLIP tokenizer needs sentencepiece and protobuf).
     """
-    source = loading.resolve_source(spec, ROLE)
-    resolved_device = loading.resolve_device(device)
-    resolved_dtype = loading.resolve_dtype(dtype, resolved_device)
-
-    def build() -> ImageTextScorer:
-        return _build_scorer(source, resolved_device, resolved_dtype)
-
-    return loading.cached(ROLE, source, resolved_device, resolved_dtype, build)
+    return loading.load_cached(spec, ROLE, device, dtype, _build_scorer)
 
 
 def _build_scorer(source: loading.ModelSource, device: str, dtype: Any) -> ImageTextScorer:
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     start = time.perf_counter()
     logger.info("Loading scorer model %s on %s (%s).", source.location, device, loading.dtype_name(dtype))
@@ -268,12 +261,7 @@ def _build_scorer(source: loading.ModelSource, device: str, dtype: Any) -> Image
     except ModelLoadError as error:
         raise ModelLoadError(f"scorer model '{source.spec}': {error}") from error
 
-    try:
-        processor = loading.from_pretrained(AutoProcessor, source, ROLE)
-    except ImportError as error:
-        raise MissingDependencyError(
-            f"The processor of scorer model '{source.spec}' needs a package that is not installed: {error}"
-        ) from error
+    processor = loading.load_processor(source, ROLE)
 
     model_class = getattr(transformers, MODEL_CLASSES[family])
     model = loading.from_pretrained(model_class, source, ROLE, dtype=dtype)

@@ -11,8 +11,11 @@ can follow, so generation stops and the reply is cut after the passage's first c
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Optional, Sequence
+
+from .base import Generation
 
 # A reply loops when its end is one passage repeated at least this many times in a row...
 MIN_COPIES = 3
@@ -127,3 +130,29 @@ def reply_stopping_criteria(tokenizer: Any, prompt_length: int, prefills: Sequen
             return done
 
     return ReplyStop()
+
+
+def warn_cut_outputs(
+    results: Sequence[Generation], label: str, max_new_tokens: int, logger: logging.Logger
+) -> None:
+    """Log one warning for the outputs cut after a repeated passage and one for those cut at the token limit."""
+    repeated = sum(1 for result in results if result.repeated)
+    if repeated:
+        logger.warning(
+            "%d of %d %s outputs kept repeating one passage, so generation stopped and each was cut after "
+            "the passage's first copy.",
+            repeated,
+            len(results),
+            label,
+        )
+
+    limited = sum(1 for result in results if result.hit_token_limit)
+    if limited:
+        logger.warning(
+            "%d of %d %s outputs stopped at max_new_tokens=%d before the end-of-sequence token, so "
+            "they may be cut off mid-sentence.",
+            limited,
+            len(results),
+            label,
+            max_new_tokens,
+        )

@@ -26,7 +26,7 @@ from ..errors import MissingDependencyError, ModelLoadError, PatchMattersError
 from ..types import ModelInfo
 from . import loading
 from .base import ChatRequest, Generation, ProgressCallback, VisionRequest
-from .stopping import cut_repetition, reply_stopping_criteria
+from .stopping import cut_repetition, reply_stopping_criteria, warn_cut_outputs
 from .text import clean_generated_text
 
 logger = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class TransformersVLM:
                 progress(label)
 
         done = [result for result in results if result is not None]
-        _warn_cut_outputs(done, label, settings.max_new_tokens)
+        warn_cut_outputs(done, label, settings.max_new_tokens, logger)
         logger.info("VLM %s: %d requests done in %.1f s.", label, len(results), time.perf_counter() - started)
         return done
 
@@ -374,30 +374,6 @@ class TransformersVLM:
             raise PatchMattersError(
                 f"VLM '{self.info.source}' was released. Load it again with load_vlm()."
             )
-
-
-def _warn_cut_outputs(results: Sequence[Generation], label: str, max_new_tokens: int) -> None:
-    """Log one warning for the outputs cut after a repeated passage and one for those cut at the token limit."""
-    repeated = sum(1 for result in results if result.repeated)
-    if repeated:
-        logger.warning(
-            "%d of %d %s outputs kept repeating one passage, so generation stopped and each was cut after "
-            "the passage's first copy.",
-            repeated,
-            len(results),
-            label,
-        )
-
-    limited = sum(1 for result in results if result.hit_token_limit)
-    if limited:
-        logger.warning(
-            "%d of %d %s outputs stopped at max_new_tokens=%d before the end-of-sequence token, so "
-            "they may be cut off mid-sentence.",
-            limited,
-            len(results),
-            label,
-            max_new_tokens,
-        )
 
 
 def load_vlm(
