@@ -359,6 +359,24 @@ def test_processor_import_error_names_model(tmp_path: Path, monkeypatch) -> None
         loading.load_processor(source, "detector")
     assert "detector model 'my-detector'" in str(caught.value)
     assert "scipy" in str(caught.value)
+    assert "Install that package with pip" in str(caught.value)
+
+
+def test_processor_import_error_keeps_pip_hint(tmp_path: Path, monkeypatch) -> None:
+    import transformers
+
+    source = ModelSource(spec="my-scorer", path=tmp_path, hub_id=None)
+
+    def missing_package(target, **kwargs):
+        raise ImportError("requires the SentencePiece library. You can install it with: pip install sentencepiece")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", missing_package)
+
+    with pytest.raises(MissingDependencyError) as caught:
+        loading.load_processor(source, "scorer")
+    message = str(caught.value)
+    assert message.endswith("pip install sentencepiece.")
+    assert message.count("pip") == 1
 
 
 def test_resolve_device_values() -> None:

@@ -366,9 +366,11 @@ def load_processor(source: ModelSource, role: str) -> Any:
     try:
         return from_pretrained(AutoProcessor, source, role)
     except ImportError as error:
+        reason = str(error).strip().rstrip(".")
+        if "pip install" not in reason:
+            reason += ". Install that package with pip and load the model again"
         raise MissingDependencyError(
-            f"The processor of {role} model '{source.spec}' needs a package that is not installed: {error} "
-            "Install that package with pip and load the model again."
+            f"The processor of {role} model '{source.spec}' needs a package that is not installed: {reason}."
         ) from error
 
 
