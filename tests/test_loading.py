@@ -345,37 +345,33 @@ def test_import_error_passes_through(tmp_path: Path) -> None:
         from_pretrained(Loader, source, "vlm")
 
 
-def test_processor_import_error_names_model(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "reason, ending",
+    [
+        ("requires the scipy library", "Install that package with pip and load the model again."),
+        (
+            "requires the SentencePiece library. You can install it with: pip install sentencepiece",
+            "pip install sentencepiece.",
+        ),
+    ],
+    ids=["hint_added", "pip_command_kept"],
+)
+def test_processor_import_error_message(reason: str, ending: str, tmp_path: Path, monkeypatch) -> None:
     import transformers
 
     source = ModelSource(spec="my-detector", path=tmp_path, hub_id=None)
 
     def missing_package(target, **kwargs):
-        raise ImportError("requires the scipy library")
+        raise ImportError(reason)
 
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", missing_package)
 
     with pytest.raises(MissingDependencyError) as caught:
         loading.load_processor(source, "detector")
-    assert "detector model 'my-detector'" in str(caught.value)
-    assert "scipy" in str(caught.value)
-    assert "Install that package with pip" in str(caught.value)
-
-
-def test_processor_import_error_keeps_pip_hint(tmp_path: Path, monkeypatch) -> None:
-    import transformers
-
-    source = ModelSource(spec="my-scorer", path=tmp_path, hub_id=None)
-
-    def missing_package(target, **kwargs):
-        raise ImportError("requires the SentencePiece library. You can install it with: pip install sentencepiece")
-
-    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", missing_package)
-
-    with pytest.raises(MissingDependencyError) as caught:
-        loading.load_processor(source, "scorer")
     message = str(caught.value)
-    assert message.endswith("pip install sentencepiece.")
+    assert "detector model 'my-detector'" in message
+    assert reason in message
+    assert message.endswith(ending)
     assert message.count("pip") == 1
 
 
